@@ -83,19 +83,19 @@ class Config:
     dropout: float = 0.0  # fresh data every epoch: nothing to over-fit
     max_len: int = 512  # rows in the positional-encoding table
     # Training.
-    epochs: int = 24  # an epoch is train_size sequences
-    train_size: int = 16_384  # 256 steps of 64 per epoch
+    epochs: int = 28  # an epoch is train_size sequences
+    train_size: int = 16_384  # 128 steps of 128 per epoch
     val_size: int = 2048  # fixed held-out set, uniform length-16 sequences
-    batch_size: int = 64  # small batches: more updates per second on a CPU
-    lr: float = 2e-3  # peak AdamW learning rate
+    batch_size: int = 128  # less gradient noise; about as fast per sequence
+    lr: float = 3e-3  # peak AdamW learning rate
     weight_decay: float = 1e-2  # AdamW's decoupled weight decay (article)
-    warmup_steps: int = 200  # linear warm-up avoids early loss spikes
+    warmup_steps: int = 100  # linear warm-up avoids early loss spikes
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
     fresh_data: bool = True  # new training sequences each epoch
     curriculum: bool = True  # grow the number of active tokens
     curriculum_start: int = 2  # active tokens at the first stage
-    curriculum_threshold: float = 0.8  # accuracy needed to add one more
-    curriculum_check_every: int = 25  # steps between curriculum checks
+    curriculum_threshold: float = 0.7  # accuracy needed to add one more
+    curriculum_check_every: int = 13  # steps between curriculum checks
     hardest_share: float = 0.5  # share of each batch at the current stage
     decay_after_curriculum: bool = True  # cosine lr decay once all active
     # Recording and output.
@@ -116,6 +116,7 @@ RECIPES = {
     # 8 times, dropout 0.1, constant lr 1e-3, seed 42, 512 held-out sequences.
     "article": {
         "epochs": 8,
+        "batch_size": 64,
         "train_size": 4096,
         "val_size": 512,
         "dropout": 0.1,
@@ -718,6 +719,9 @@ def plot_training_curves(
     """Loss and accuracy per epoch, chance levels, and the curriculum stages."""
     frame = pd.DataFrame(history)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if frame.empty:
+        fig.suptitle("Training curves: no epoch finished, nothing to draw")
+        return fig
     for column, label, marker in [("train", "train", "o"), ("val", "held-out", "s")]:
         loss_ax.plot(
             frame["epoch"], frame[f"{column}_loss"], marker=marker, label=label
@@ -879,7 +883,10 @@ def plot_gradient_norms(grad_rows: list[dict]) -> plt.Figure:
     )
     ax.tick_params(axis="x", labelrotation=30)
     steps = frame["step"].nunique()
-    ax.set_title(f"Gradient norms over the first {steps} training steps")
+    ax.set_title(
+        f"Gradient norms over the first {steps} training steps "
+        "(one point per parameter tensor and step, before clipping)"
+    )
     fig.tight_layout()
     return fig
 
@@ -1041,7 +1048,7 @@ def parse_config(argv: list[str] | None) -> Config:
     """Command line -> Config: recipe values first, explicit options on top."""
     given = vars(build_parser().parse_args(argv))
     recipe = given.get("recipe", "default")
-    cfg = replace(Config(), **RECIPES[recipe], **given)
+    cfg = replace(Config(), **{**RECIPES[recipe], **given})
     check_config(cfg)
     return cfg
 
