@@ -289,3 +289,10 @@ def test_importing_trains_nothing():
         env={**os.environ, "PYTHONPATH": str(SCRIPT.parent)},
     )
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+
+
+def test_show_without_a_display_says_so_instead_of_hanging(tiny_args, capsys):
+    tsm.plt.switch_backend("agg")  # what matplotlib falls back to headless
+    results = tsm.main([*tiny_args, "--show"])
+    assert "no display available" in capsys.readouterr().out
+    assert tsm.exit_status(results) == 0
