@@ -208,6 +208,8 @@ class SumModDataset(Dataset):
         """Number of active positions of each sequence at the current stage."""
         k = self.max_active
         levels = self.levels[indices]
+        if self.hardest_share >= 1.0:
+            return np.full(len(levels), k)
         # Levels below hardest_share get k; the rest of [0, 1) maps onto 1..k.
         fraction = (levels - self.hardest_share) / (1.0 - self.hardest_share)
         spread = 1 + (np.clip(fraction, 0.0, 1.0) * k).astype(int).clip(max=k - 1)
@@ -795,8 +797,11 @@ def plot_attention(
             ax.set(xlabel="key token", ylabel="query token")
             ax.label_outer()  # tick labels on the outer panels only
     # The axes are shared, so these ticks apply to every panel.
-    axes[-1, 0].set_xticks(ticks, labels, fontsize=7, rotation=90)
-    axes[-1, 0].set_yticks(ticks, labels, fontsize=7)
+    axes[-1, 0].set_xticks(ticks, labels)
+    axes[-1, 0].set_yticks(ticks, labels)
+    for ax in axes.flat:
+        ax.tick_params(labelsize=7)
+        ax.tick_params(axis="x", labelrotation=90)
     fig.colorbar(
         image,
         ax=axes,
@@ -1095,7 +1100,10 @@ def replace_file(path: Path, write) -> None:
     ``path``: a reader never sees a half-written file."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
+    umask = os.umask(0)  # mkstemp makes the file private; use the usual mode
+    os.umask(umask)
     try:
+        os.chmod(temporary, 0o666 & ~umask)
         write(temporary)
         os.replace(temporary, path)
     except BaseException:

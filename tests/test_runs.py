@@ -48,6 +48,10 @@ def assert_complete_outputs(out_dir: Path, results: dict, epochs: int):
     assert sorted(Path(f).name for f in on_disk["files"]) == sorted(
         FIGURES + ["metrics.json"]
     )
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in [*FIGURES, "metrics.json"]:  # usual mode, not mkstemp's 0600
+        assert (out_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask
     # Nothing else is left behind (no temporary files).
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
         FIGURES + ["metrics.json"]
@@ -199,8 +203,10 @@ def test_absent_device_is_a_usage_error(tiny_args, capsys, monkeypatch):
 
 def test_a_run_under_warnings_as_errors_prints_no_warning(tmp_path):
     out_dir = tmp_path / "w"
+    # Batches of 8: 16 steps, so a curriculum check (every 13 steps) runs too.
+    args = [*TINY, "--batch-size", "8", "--out-dir", str(out_dir)]
     result = subprocess.run(
-        [sys.executable, "-W", "error", str(SCRIPT), *TINY, "--out-dir", str(out_dir)],
+        [sys.executable, "-W", "error", str(SCRIPT), *args],
         capture_output=True,
         text=True,
         timeout=120,
