@@ -75,17 +75,17 @@ class Config:
     vocab_size: int = 100  # tokens are the integers 0..99
     seq_len: int = 16  # integers per sequence
     num_classes: int = 10  # label = sum mod 10
-    # Model: the article's values.
+    # Model: the article's sizes.
     d_model: int = 64  # width of every token vector
     num_heads: int = 4  # 4 heads of width 16
     num_layers: int = 2  # two encoder layers are enough for this task
     ffn_dim: int = 128  # feed-forward hidden width, 2 x d_model
-    dropout: float = 0.0  # fresh data every epoch: nothing to over-fit
+    dropout: float = 0.0  # article 0.1; with fresh data there is no over-fit
     max_len: int = 512  # rows in the positional-encoding table
     # Training.
     epochs: int = 36  # an epoch is train_size sequences
     train_size: int = 16_384  # 128 steps of 128 per epoch
-    val_size: int = 2048  # fixed held-out set, uniform length-16 sequences
+    val_size: int = 2048  # fixed held-out set of uniform random sequences
     batch_size: int = 128  # less gradient noise; about as fast per sequence
     lr: float = 3e-3  # peak AdamW learning rate
     weight_decay: float = 1e-2  # AdamW's decoupled weight decay (article)
@@ -254,7 +254,7 @@ class PositionalEncoding(nn.Module):
         super().__init__()
         position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
         # 10000^(-2i/D) written as exp(-(2i/D) ln 10000): the same numbers, a
-        # geometric series of frequencies from 1 down to 1/10000.
+        # geometric series of frequencies from 1 down to nearly 1/10000.
         two_i = torch.arange(0, d_model, 2, dtype=torch.float32)  # (D/2,)
         frequency = torch.exp(-two_i / d_model * math.log(10000.0))  # (D/2,)
         angle = position * frequency  # (max_len, D/2)
@@ -359,7 +359,7 @@ class EncoderLayer(nn.Module):
     """One post-LN encoder layer (as in the original Transformer):
 
         x = LayerNorm(x + Dropout(MultiHeadAttention(x, x, x)))
-        x = LayerNorm(x + Dropout(W2 GELU(W1 x + b1) + b2))
+        x = LayerNorm(x + Dropout(W2 Dropout(GELU(W1 x + b1)) + b2))
 
     The residual path lets each sub-layer learn a correction to x; the
     LayerNorm after the sum keeps every position's vector at a steady scale.
@@ -645,12 +645,8 @@ def train(
                 interrupted = True
                 break
         if diverged:
-            model.load_state_dict(good_state)
-            log(
-                f"error: the {diverged['what']} became non-finite at step "
-                f"{diverged['step']} (epoch {epoch}, lr {diverged['lr']:.2e}); "
-                "try a lower --lr. Keeping the weights of the last full epoch."
-            )
+            model.load_state_dict(good_state)  # last finished epoch, or start
+            diverged["epoch"] = epoch
             break
         val_loss, val_acc = evaluate(model, val_loader, device)
         seconds = time.perf_counter() - start
@@ -785,7 +781,6 @@ def plot_attention(
         sharex=True,
         sharey=True,
         squeeze=False,
-        layout="constrained",
     )
     ticks = np.arange(0, length, max(1, length // 16))  # at most ~16 labels
     labels = [str(tokens[i]) for i in ticks]
@@ -802,17 +797,17 @@ def plot_attention(
     for ax in axes.flat:
         ax.tick_params(labelsize=7)
         ax.tick_params(axis="x", labelrotation=90)
-    fig.colorbar(
-        image,
-        ax=axes,
-        shrink=0.6,
-        label=f"attention weight, scale 0 to {top:.2f} "
-        f"(uniform = 1/{length} = {1 / length:.3f})",
-    )
     label = sum(tokens) % num_classes
     fig.suptitle(
         f"Attention of one held-out sequence (sum mod {num_classes} = {label}); "
         "rows: when and which layer, columns: heads"
+    )
+    fig.tight_layout(rect=(0.0, 0.0, 0.9, 1.0))  # leave room for the colour bar
+    fig.colorbar(
+        image,
+        cax=fig.add_axes((0.92, 0.2, 0.015, 0.6)),
+        label=f"attention weight, scale 0 to {top:.2f} "
+        f"(uniform = 1/{length} = {1 / length:.3f})",
     )
     return fig
 
@@ -828,7 +823,7 @@ def plot_embedding_pca(
     pca = PCA(n_components=2)
     points = pca.fit_transform(embeddings)  # (V, D) -> (V, 2)
     residues = np.arange(len(embeddings)) % num_classes
-    colours = plt.get_cmap("tab10" if num_classes <= 10 else "hsv", num_classes)
+    colours = plt.get_cmap("tab10" if num_classes <= 10 else "tab20", num_classes)
     for residue in range(num_classes):
         chosen = residues == residue
         ax.scatter(
@@ -871,20 +866,26 @@ def plot_embedding_pca(
 
 
 def plot_gradient_norms(grad_rows: list[dict]) -> plt.Figure:
-    """Distribution of per-tensor gradient norms by layer group, log scale."""
+    """Distribution of per-tensor gradient norms by layer group, log scale.
+
+    Colour marks the kind of block (attention, LayerNorm, feed-forward, ...),
+    so the same kind looks the same in every layer.
+    """
     frame = pd.DataFrame(grad_rows, columns=["group", "step", "norm"])
     frame = frame[frame["norm"] > 0]  # log scale: exact zeros cannot be drawn
+    frame["kind"] = frame["group"].str.split().str[-1].str.rstrip("12")
     order = list(dict.fromkeys(frame["group"]))  # first-seen = depth order
+    kinds = list(dict.fromkeys(frame["kind"]))
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(order) + 2), 4.8))
     if len(frame):
         sns.violinplot(
             data=frame,
             x="group",
             y="norm",
-            hue="group",
+            hue="kind",
             order=order,
-            hue_order=order,
-            legend=False,
+            hue_order=kinds,
+            dodge=False,
             palette="Set2",
             inner="quartile",
             cut=0,
@@ -892,6 +893,7 @@ def plot_gradient_norms(grad_rows: list[dict]) -> plt.Figure:
             log_scale=True,
             ax=ax,
         )
+        ax.legend(title="block", fontsize=8, loc="best")
     ax.set(
         xlabel="parameter group (input to output)",
         ylabel="gradient L2 norm per tensor (log)",
@@ -900,7 +902,7 @@ def plot_gradient_norms(grad_rows: list[dict]) -> plt.Figure:
     steps = frame["step"].nunique()
     ax.set_title(
         f"Gradient norms over the first {steps} training steps "
-        "(one point per parameter tensor and step, before clipping)"
+        "(each violin: norms of that group's tensors at every step, before clipping)"
     )
     fig.tight_layout()
     return fig
@@ -933,6 +935,9 @@ def real_number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+PROGRAM = "transformer_sum_mod.py"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -973,6 +978,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     article = RECIPES["article"]
     parser = OneLineParser(
+        prog=PROGRAM,
+        allow_abbrev=False,  # --ep is not --epochs: say what you mean
         description="Train a tiny Transformer encoder on sum mod 10 and plot "
         "its insides. Options given here override the chosen --recipe.",
         # Options left out keep their recipe value, so no argparse default.
@@ -1002,8 +1009,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Upper bounds catch a typo (a few zeros too many) before it fills the memory
+# or runs for days. NOTE: large sizes together can still exceed the memory.
+UPPER_BOUNDS = {
+    "epochs": 10_000,
+    "batch_size": 8192,
+    "train_size": 1_000_000,
+    "val_size": 1_000_000,
+    "d_model": 1024,
+    "num_heads": 64,
+    "num_layers": 24,
+    "ffn_dim": 4096,
+    "vocab_size": 100_000,
+    "num_classes": 20,  # the embedding figure gives each residue a colour
+}
+MAX_TOKENS = 20_000_000  # (train_size + val_size) * seq_len, about 0.5 GB
+
+
 def check_config(cfg: Config) -> None:
     """Rules that span options or need more than a type; raise UsageError."""
+    flags = {field: flag for flag, field, _, _ in OPTIONS}
+    for field, limit in UPPER_BOUNDS.items():
+        if getattr(cfg, field) > limit:
+            raise UsageError(f"{flags[field]} must be at most {limit:_}")
+    if (cfg.train_size + cfg.val_size) * cfg.seq_len > MAX_TOKENS:
+        raise UsageError(
+            f"(--train-size + --val-size) x --seq-len must be at most "
+            f"{MAX_TOKENS:_} tokens"
+        )
     heads_rule = (
         f"--d-model ({cfg.d_model}) must be divisible by --num-heads ({cfg.num_heads})"
     )
@@ -1076,6 +1109,7 @@ FIGURE_FILES = [
     "embedding_pca.png",
     "grad_norms.png",
 ]
+OUTPUT_FILES = [*FIGURE_FILES, "metrics.json"]
 
 
 def prepare_out_dir(path_text: str) -> Path:
@@ -1092,6 +1126,12 @@ def prepare_out_dir(path_text: str) -> Path:
             f"--out-dir {path_text!r} cannot be created or written "
             f"({error.strerror or error})"
         ) from None
+    for name in OUTPUT_FILES:
+        if (path / name).is_dir():
+            raise UsageError(
+                f"--out-dir {path_text!r} has a folder named {name!r}, where "
+                "this script writes a file; move it or choose another --out-dir"
+            )
     return path
 
 
@@ -1123,15 +1163,15 @@ def finite_or_none(value):
 
 
 class StopOnInterrupt:
-    """First Ctrl-C: finish the step, then save. Second Ctrl-C: quit at once."""
+    """First Ctrl-C: finish the step, then save. Second Ctrl-C: quit at once
+    (KeyboardInterrupt, so a half-written temporary file is still removed)."""
 
     def __init__(self):
         self.requested = False
 
     def __call__(self, signum, frame):
         if self.requested:
-            sys.stderr.write("\nsecond Ctrl-C: quitting without saving\n")
-            os._exit(130)
+            raise KeyboardInterrupt
         self.requested = True
         sys.stderr.write(
             "\nCtrl-C: finishing this step, then saving plots and metrics "
@@ -1150,13 +1190,11 @@ def main(argv: list[str] | None = None) -> dict:
         device = pick_device(cfg.device)
         out_dir = prepare_out_dir(cfg.out_dir)
     except UsageError as error:
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {error}\n")
+        sys.stderr.write(f"{PROGRAM}: error: {error}\n")
         raise SystemExit(2) from None
     if not cfg.show:
         plt.switch_backend("agg")  # draw to files only; never needs a display
-    earlier = [
-        name for name in FIGURE_FILES + ["metrics.json"] if (out_dir / name).exists()
-    ]
+    earlier = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
     if earlier:
         print(f"note: replacing {len(earlier)} files of an earlier run in {out_dir}/")
 
@@ -1181,6 +1219,14 @@ def main(argv: list[str] | None = None) -> dict:
     previous_handler = signal.signal(signal.SIGINT, stopper)
     try:
         result = train(model, cfg, device, should_stop=lambda: stopper.requested)
+        if result["diverged"]:
+            failure = result["diverged"]
+            sys.stderr.write(
+                f"{PROGRAM}: error: the {failure['what']} became non-finite at "
+                f"step {failure['step']} (epoch {failure['epoch']}, lr "
+                f"{failure['lr']:.2e}); try a lower --lr. The plots and metrics "
+                f"show the {len(result['history'])} finished epoch(s).\n"
+            )
         embeddings = model.embedding.weight.detach().cpu().numpy()  # (V, D)
         residue_acc = None
         if np.isfinite(embeddings).all():
@@ -1274,4 +1320,10 @@ def exit_status(results: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_status(main()))
+    try:
+        sys.exit(exit_status(main()))
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            f"\n{PROGRAM}: stopped by Ctrl-C; files not yet saved were not written\n"
+        )
+        sys.exit(130)

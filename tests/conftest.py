@@ -10,7 +10,8 @@ sys.path.insert(0, str(ROOT))
 
 SCRIPT = ROOT / "transformer_sum_mod.py"
 
-# A run small enough for unit tests: 4 steps of 32, 64 held-out sequences.
+# A run small enough for unit tests: 4 steps of 32, 64 held-out sequences
+# of 8 tokens in 0..29.
 TINY = [
     "--epochs", "1",
     "--train-size", "128",
@@ -19,6 +20,8 @@ TINY = [
     "--d-model", "16",
     "--num-heads", "2",
     "--ffn-dim", "32",
+    "--seq-len", "8",
+    "--vocab-size", "30",
 ]  # fmt: skip
 
 

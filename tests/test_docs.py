@@ -19,7 +19,9 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_lists_every_option_with_its_default():
     defaults = tsm.Config()
     for flag, field, _, _ in tsm.OPTIONS:
-        row = next(line for line in README.splitlines() if f"`{flag}`" in line)
+        row = next(
+            line for line in README.splitlines() if line.startswith(f"| `{flag}`")
+        )
         assert f"`{getattr(defaults, field)}`" in row, row
 
 
