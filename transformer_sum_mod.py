@@ -543,7 +543,7 @@ def gradient_norms(model: nn.Module, step: int) -> list[dict]:
 
 
 @torch.no_grad()
-def stage_accuracy(model, cfg: Config, active: int, seed: int, device) -> float:
+def stage_accuracy(model, cfg: Config, active: int, seed: list[int], device) -> float:
     """Accuracy on 256 fresh sequences with exactly ``active`` active tokens."""
     probe = SumModDataset(
         256, cfg.seq_len, cfg.vocab_size, cfg.num_classes, seed, active, 1.0
@@ -638,6 +638,8 @@ def train(
             count += len(labels)
             if first_attention is None:
                 first_attention = capture_attention(model, probe_tokens.to(device))
+            # Curriculum: once the model handles the current number of active
+            # tokens, allow one more (from the next batch on).
             check_now = step % cfg.curriculum_check_every == 0
             if active < cfg.seq_len and check_now:
                 accuracy = stage_accuracy(model, cfg, active, [cfg.seed, step], device)
