@@ -1032,6 +1032,24 @@ UPPER_BOUNDS = {
     "num_classes": 20,  # the embedding figure gives each residue a colour
 }
 MAX_TOKENS = 20_000_000  # (train_size + val_size) * seq_len, about 0.5 GB
+MAX_STEP_BYTES = 8 * 2**30  # memory estimate of one training step
+
+
+def training_step_bytes(cfg: Config) -> int:
+    """Rough float32 memory of one training step: each parameter with its
+    gradient and two Adam moments, plus the activations kept for backward
+    (about 10 vectors of width D and 2 of width F per token and layer, and
+    one B*H*T*T map of attention weights per layer). An estimate to catch
+    impossible sizes, not a promise."""
+    d, f, t = cfg.d_model, cfg.ffn_dim, cfg.seq_len
+    per_layer = 4 * d * d + 2 * d * f + 9 * d + f  # attention, FFN, norms
+    parameters = cfg.vocab_size * d + cfg.num_layers * per_layer
+    parameters += d * cfg.num_classes + cfg.num_classes
+    tokens = cfg.batch_size * t
+    activations = cfg.num_layers * (
+        tokens * (10 * d + 2 * f) + cfg.batch_size * cfg.num_heads * t * t
+    )
+    return 4 * (4 * parameters + activations)
 
 
 def check_config(cfg: Config) -> None:
@@ -1044,6 +1062,13 @@ def check_config(cfg: Config) -> None:
         raise UsageError(
             f"(--train-size + --val-size) x --seq-len must be at most "
             f"{MAX_TOKENS:_} tokens"
+        )
+    if training_step_bytes(cfg) > MAX_STEP_BYTES:
+        raise UsageError(
+            f"one training step would need about "
+            f"{training_step_bytes(cfg) / 2**30:.0f} GiB (limit "
+            f"{MAX_STEP_BYTES // 2**30} GiB); make --batch-size, --seq-len, "
+            "--d-model, --ffn-dim or --num-layers smaller"
         )
     heads_rule = (
         f"--d-model ({cfg.d_model}) must be divisible by --num-heads ({cfg.num_heads})"
@@ -1233,7 +1258,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{PROGRAM}: error: the {failure['what']} became non-finite at "
                 f"step {failure['step']} (epoch {failure['epoch']}, lr "
                 f"{failure['lr']:.2e}); try a lower --lr. The plots and metrics "
-                f"show the {len(result['history'])} finished epoch(s).\n"
+                f"show {finished_epochs(len(result['history']))}.\n"
             )
         embeddings = model.embedding.weight.detach().cpu().numpy()  # (V, D)
         residue_acc = None
@@ -1290,19 +1315,18 @@ def main(argv: list[str] | None = None) -> dict:
             out_dir / "metrics.json",
             lambda path: Path(path).write_text(json.dumps(results, indent=2)),
         )
+        if last:
+            print(
+                f"final held-out accuracy {100 * last['val_acc']:.2f}% "
+                f"(loss {last['val_loss']:.4f}) after {result['seconds']:.1f} s"
+            )
+        print("wrote " + ", ".join(results["files"]))
+        if cfg.show:
+            show_figures()
+        for figure in figures:
+            plt.close(figure)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-
-    if last:
-        print(
-            f"final held-out accuracy {100 * last['val_acc']:.2f}% "
-            f"(loss {last['val_loss']:.4f}) after {result['seconds']:.1f} s"
-        )
-    print("wrote " + ", ".join(results["files"]))
-    if cfg.show:
-        show_figures()
-    for figure in figures:
-        plt.close(figure)
     return results
 
 
@@ -1318,6 +1342,13 @@ def show_figures() -> None:
     plt.show()
 
 
+def finished_epochs(count: int) -> str:
+    """'the 3 finished epochs', or the untrained model when none finished."""
+    if count == 0:
+        return "the initial model (no epoch finished)"
+    return f"the {count} finished epoch{'s' if count > 1 else ''}"
+
+
 def exit_status(results: dict) -> int:
     """0 when training finished, 130 when interrupted, 1 when it diverged."""
     if results["final"]["interrupted"]:
@@ -1329,9 +1360,13 @@ def exit_status(results: dict) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(exit_status(main()))
+        status = exit_status(main())
     except KeyboardInterrupt:
         sys.stderr.write(
             f"\n{PROGRAM}: stopped by Ctrl-C; files not yet saved were not written\n"
         )
-        sys.exit(130)
+        status = 130
+    # Everything is saved by now: a Ctrl-C while Python shuts down just ends
+    # the process with the usual code instead of a signal death.
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    sys.exit(status)
