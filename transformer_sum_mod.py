@@ -1366,7 +1366,8 @@ if __name__ == "__main__":
             f"\n{PROGRAM}: stopped by Ctrl-C; files not yet saved were not written\n"
         )
         status = 130
-    # Everything is saved by now: a Ctrl-C while Python shuts down just ends
-    # the process with the usual code instead of a signal death.
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    # Everything is saved by now and the process is ending: ignore Ctrl-C
+    # during Python's shut-down, which would otherwise kill it by signal
+    # instead of ending with this status.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(status)
