@@ -19,7 +19,7 @@ Why the training recipe is unusual
     ``--recipe article`` keeps the original recipe so you can watch it fail.
 
 How to run
-    python transformer_sum_mod.py                  # default recipe, 100-120 s, 2 cores
+    python transformer_sum_mod.py                  # default recipe, 95-120 s, 2 cores
     python transformer_sum_mod.py --epochs 1       # smoke run, ~15 s with imports
     python transformer_sum_mod.py --recipe article # the original recipe: memorises
     python transformer_sum_mod.py --help           # every option and its default
