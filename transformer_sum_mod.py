@@ -1063,10 +1063,11 @@ def check_config(cfg: Config) -> None:
             f"(--train-size + --val-size) x --seq-len must be at most "
             f"{MAX_TOKENS:_} tokens"
         )
-    if training_step_bytes(cfg) > MAX_STEP_BYTES:
+    step_bytes = training_step_bytes(cfg)
+    if step_bytes > MAX_STEP_BYTES:
         raise UsageError(
             f"one training step would need about "
-            f"{training_step_bytes(cfg) / 2**30:.0f} GiB (limit "
+            f"{step_bytes / 2**30:.0f} GiB (limit "
             f"{MAX_STEP_BYTES // 2**30} GiB); make --batch-size, --seq-len, "
             "--d-model, --ffn-dim or --num-layers smaller"
         )
@@ -1215,6 +1216,13 @@ class StopOnInterrupt:
 # %% Main
 
 
+def finished_epochs(count: int) -> str:
+    """'the 3 finished epochs', or the untrained model when none finished."""
+    if count == 0:
+        return "the initial model (no epoch finished)"
+    return f"the {count} finished epoch{'s' if count > 1 else ''}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run everything; return (and write to metrics.json) the results."""
     run_start = time.perf_counter()
@@ -1340,13 +1348,6 @@ def show_figures() -> None:
         )
         return
     plt.show()
-
-
-def finished_epochs(count: int) -> str:
-    """'the 3 finished epochs', or the untrained model when none finished."""
-    if count == 0:
-        return "the initial model (no epoch finished)"
-    return f"the {count} finished epoch{'s' if count > 1 else ''}"
 
 
 def exit_status(results: dict) -> int:
